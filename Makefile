@@ -1,0 +1,78 @@
+# The pipeline's DAG. Artifacts are file targets, so a target whose inputs have not changed does no
+# work; every Python step also checks its own inputs and writes its outputs atomically.
+#   make train EXP=baseline ARGS="lr=3e-4 epochs=20" FOLDS=0,2
+COMPETITION ?= demo
+EXP ?= baseline
+ARGS ?=
+FOLDS ?=
+EXPS ?=
+SUBMIT ?= 0
+
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+SHELL := /bin/bash
+
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+CLI_ARGS := competition=$(COMPETITION) $(ARGS) $(if $(FOLDS),folds=$(FOLDS))
+# ARGS or FOLDS can change what a step computes: then the step always runs and decides itself.
+FORCE_IF_ARGS := $(if $(strip $(ARGS)$(FOLDS)),FORCE)
+
+DATA := data/$(COMPETITION)
+COMP_YAML := configs/competitions/$(COMPETITION).yaml
+FOLDS_CSV := folds/$(COMPETITION).csv
+FINISHED := $(filter-out ensemble bench,$(patsubst runs/%/scores.json,%,$(wildcard runs/*/scores.json)))
+EXPS := $(or $(strip $(EXPS)),$(FINISHED),$(EXP))
+# make submit EXP=x submits one experiment; without EXP it submits the ensemble.
+SOURCE := $(if $(filter command line,$(origin EXP)),$(EXP),ensemble)
+
+.PHONY: help install data init folds train ensemble submit leaderboard bench test lint clean FORCE
+
+help: ## list the targets (default)
+	@echo "usage: make <target> [COMPETITION=$(COMPETITION)] [EXP=$(EXP)] [ARGS='key=value ...'] [FOLDS=0,2] [EXPS='a b']"
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
+
+install: $(INSTALLED) ## create .venv and install the project with its dev extras (idempotent)
+$(INSTALLED): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+data: $(DATA) ## get the competition's files into data/<competition>/ (demo: built offline)
+$(DATA): | $(INSTALLED)
+	$(PY) -m pipeline.data $(CLI_ARGS)
+
+init: $(DATA) ## draft configs/competitions/<competition>.yaml from the downloaded files
+	$(PY) -m pipeline.init_competition $(CLI_ARGS)
+
+folds: $(FOLDS_CSV) ## assign every training row to one CV fold
+$(FOLDS_CSV): $(DATA) $(COMP_YAML) $(FORCE_IF_ARGS) | $(INSTALLED)
+	$(PY) -m pipeline.folds $(CLI_ARGS)
+
+train: runs/$(EXP)/scores.json ## train every fold of configs/$(EXP).yaml: OOF and test predictions
+runs/%/scores.json: configs/%.yaml $(FOLDS_CSV) $(COMP_YAML) $(FORCE_IF_ARGS) | $(INSTALLED)
+	$(PY) -m pipeline.train --exp $* $(CLI_ARGS)
+
+ensemble: runs/ensemble/scores.json ## blend the OOF predictions of EXPS (default: every finished run)
+runs/ensemble/scores.json: $(foreach e,$(EXPS),runs/$(e)/scores.json) $(FORCE_IF_ARGS) | $(INSTALLED)
+	$(PY) -m pipeline.ensemble --members $(EXPS) -- $(CLI_ARGS)
+
+submit: runs/$(SOURCE)/scores.json ## write a validated submission; SUBMIT=1 uploads it
+	$(PY) -m pipeline.submit --source $(SOURCE) $(if $(filter 1,$(SUBMIT)),--upload) -- $(CLI_ARGS)
+
+leaderboard: | $(INSTALLED) ## one table of every run: CV, folds, time, leaderboard score
+	$(PY) -m pipeline.leaderboard $(CLI_ARGS)
+
+bench: | $(INSTALLED) ## measure training and inference speed against the compute limit
+	$(PY) -m pipeline.bench $(ARGS)
+
+test: | $(INSTALLED) ## the test suite CI runs (offline, CPU)
+	$(PY) -m pytest -q
+
+lint: | $(INSTALLED) ## ruff
+	$(PY) -m ruff check pipeline tests
+
+clean: ## remove runs/ and folds (keeps data/ and .venv/)
+	rm -rf runs folds/*.csv folds/*.json

@@ -1,0 +1,1 @@
+"""Kaggle image competition pipeline."""
