@@ -136,6 +136,8 @@ def _coerce(key: str, value, source: str):
         if hint is str:
             if value is None:
                 return ""
+            if isinstance(value, bool):  # YAML 1.1 reads on/off as booleans
+                return "on" if value else "off"
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise TypeError
             return str(value)

@@ -1,0 +1,142 @@
+"""Images and targets for training and prediction: PIL decoding, an optional RAM cache, timm transforms.
+
+Augmentation randomness is a function of ``(seed, epoch, row)`` alone: each sample seeds Python's,
+NumPy's and torch's generators from that triple (and restores them afterwards), so the images a model
+sees do not depend on the number of loader workers, and a run resumed at any epoch sees exactly what
+an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+
+from pipeline.config import Config, PipelineError
+
+
+class ImageError(PipelineError):
+    """An image that cannot be read; the message names its file."""
+
+
+def load_image(path: Path, max_side: int = 0) -> Image.Image:
+    """Decode ``path`` to RGB; shrink so the shorter side is at most ``max_side`` (0 = keep)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except Exception as e:  # PIL raises several types for truncated or foreign files
+        raise ImageError(f"cannot decode image {path}: {e}") from None
+    if max_side and min(im.size) > max_side:
+        w, h = im.size
+        s = max_side / min(w, h)
+        im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    return im
+
+
+def cache_images(paths: list[Path], max_side: int, workers: int = 4) -> list[Image.Image]:
+    """Decode every image once (threads: PIL releases the GIL while decoding)."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(lambda p: load_image(p, max_side), paths))
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 100_003 + index) % (2**32)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Rows of a competition table as ``(image tensor, target)``.
+
+    ``key`` is a row index, or ``(epoch, index)`` from :class:`EpochBatchSampler` for seeded
+    augmentation. ``images`` is the RAM cache (same order as ``paths``) or None to decode on access.
+    """
+
+    def __init__(self, paths, targets, transform, images=None, seed: int = 0, max_side: int = 0):
+        self.paths, self.targets, self.transform = list(paths), targets, transform
+        self.images, self.seed, self.max_side = images, seed, max_side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (None, key)
+        img = self.images[i] if self.images is not None else load_image(self.paths[i], self.max_side)
+        if epoch is None:
+            x = self.transform(img)
+        else:
+            x = _seeded(self.transform, img, sample_seed(self.seed, epoch, i))
+        y = self.targets[i] if self.targets is not None else 0
+        return x, torch.as_tensor(y)
+
+
+def _seeded(fn, img, seed: int):
+    """``fn(img)`` with all three global generators seeded by ``seed``, then restored."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            return fn(img)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches of ``(epoch, index)`` keys; the order depends only on (seed, epoch).
+
+    Call :meth:`set_epoch` before iterating. Works with persistent workers because the sampler runs
+    in the training process.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool):
+        self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 7))
+        order = torch.randperm(self.n, generator=g).tolist()
+        for s in range(0, self.n, self.batch_size):
+            batch = order[s:s + self.batch_size]
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+
+def create_transforms(cfg: Config, model: torch.nn.Module):
+    """(train, eval) transforms from timm: augmentation from the config, normalisation from the model."""
+    data_cfg = resolve_data_config({"input_size": (3, cfg.img_size, cfg.img_size),
+                                    "crop_pct": cfg.crop_pct}, model=model)
+    common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
+                  interpolation=data_cfg["interpolation"])
+    train_tf = create_transform(
+        **common, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
+        vflip=cfg.vflip, color_jitter=cfg.color_jitter or None,
+        auto_augment=cfg.auto_augment or None, re_prob=cfg.reprob)
+    eval_tf = create_transform(**common, is_training=False, crop_pct=data_cfg["crop_pct"])
+    return train_tf, eval_tf
+
+
+def create_loader(dataset, cfg: Config, *, train: bool, device: torch.device, epoch_seed: int = 0):
+    """A DataLoader: seeded epoch batches for training, ordered batches for prediction."""
+    workers = cfg.num_workers
+    kwargs = dict(num_workers=workers, pin_memory=device.type == "cuda",
+                  persistent_workers=workers > 0)
+    if train:
+        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, epoch_seed,
+                                    drop_last=len(dataset) > cfg.batch_size)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **kwargs)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.infer_batch_size, shuffle=False,
+                                       **kwargs)
