@@ -17,7 +17,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline import metrics
-from pipeline.config import COMPETITION_DIR, DATA_DIR, ConfigError, PipelineError, _suggest_from, load_yaml
+from pipeline.config import (
+    COMPETITION_DIR,
+    DATA_DIR,
+    ConfigError,
+    PipelineError,
+    _suggest_from,
+    load_yaml,
+)
 
 TASKS = ("binary", "multiclass", "multilabel", "regression")
 SUBMISSION_KINDS = ("label", "probs", "value")

@@ -8,6 +8,7 @@ an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -64,28 +65,42 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list) -> list:
+        """The samples of ``keys`` (a DataLoader fetches each batch through this).
+
+        Each ``(epoch, index)`` key seeds Python's, NumPy's and torch's CPU generators before its
+        transform; their previous states are restored once per call, not per sample (saving them
+        costs ~70 us, a sample's transform ~250 us).
+        """
+        seeded = any(isinstance(k, tuple) for k in keys)
+        with _restored_rng() if seeded else contextlib.nullcontext():
+            return [self._sample(k) for k in keys]
+
+    def _sample(self, key):
         epoch, i = key if isinstance(key, tuple) else (None, key)
         img = self.images[i] if self.images is not None else load_image(self.paths[i], self.max_side)
-        if epoch is None:
-            x = self.transform(img)
-        else:
-            x = _seeded(self.transform, img, sample_seed(self.seed, epoch, i))
+        if epoch is not None:
+            seed = sample_seed(self.seed, epoch, i)
+            random.seed(seed)
+            np.random.seed(seed)
+            # The CPU generator alone: torch.manual_seed also reseeds every CUDA device (~90 us).
+            torch.default_generator.manual_seed(seed)
         y = self.targets[i] if self.targets is not None else 0
-        return x, torch.as_tensor(y)
+        return self.transform(img), torch.as_tensor(y)
 
 
-def _seeded(fn, img, seed: int):
-    """``fn(img)`` with all three global generators seeded by ``seed``, then restored."""
+@contextlib.contextmanager
+def _restored_rng():
+    """Python's, NumPy's and torch's CPU generators are back in their entry state on exit."""
     py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            return fn(img)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

@@ -7,7 +7,6 @@ blended.
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import numpy as np
@@ -16,8 +15,14 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, StratifiedKFold
 
 from pipeline.competition import Competition, CompetitionError, load_competition
-from pipeline.config import (FOLDS_DIR, atomic_write_csv, atomic_write_json, config_from_argv,
-                             file_sha256, run)
+from pipeline.config import (
+    FOLDS_DIR,
+    atomic_write_csv,
+    atomic_write_json,
+    config_from_argv,
+    file_sha256,
+    run,
+)
 
 
 def strategy(comp: Competition) -> str:

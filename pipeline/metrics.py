@@ -9,8 +9,8 @@ ensemble weights all call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from sklearn import metrics as skm

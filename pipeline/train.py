@@ -34,9 +34,20 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from pipeline.competition import Competition, load_competition
-from pipeline.config import (RUNS_DIR, RUNTIME_KEYS, Config, ConfigError, PipelineError,
-                             atomic_write_csv, atomic_write_json, atomic_write_text,
-                             config_from_argv, dump, fold_list, run)
+from pipeline.config import (
+    RUNS_DIR,
+    RUNTIME_KEYS,
+    Config,
+    ConfigError,
+    PipelineError,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    config_from_argv,
+    dump,
+    fold_list,
+    run,
+)
 from pipeline.dataset import ImageDataset, cache_images, create_loader, create_transforms
 from pipeline.folds import read_folds
 from pipeline.metrics import Metric, get_metric

@@ -65,7 +65,7 @@ def make_competition(root: Path, name: str = "toy", task: str = "multiclass", n_
     if groups:
         train["patient"] = [f"p{i // 4}" for i in range(n_train)]
         desc["group_column"] = "patient"
-    for id_, v in zip(ids, y):
+    for id_, v in zip(ids, y, strict=True):
         write_image(data / "train_images" / f"{id_}.png", int(v))
     for i, id_ in enumerate(sample["id"]):
         write_image(data / "test_images" / f"{id_}.png", i % 3)
