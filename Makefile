@@ -7,6 +7,7 @@ ARGS ?=
 FOLDS ?=
 EXPS ?=
 SUBMIT ?= 0
+STACK ?= 0
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
@@ -22,8 +23,9 @@ FORCE_IF_ARGS := $(if $(strip $(ARGS)$(FOLDS)),FORCE)
 DATA := data/$(COMPETITION)
 COMP_YAML := configs/competitions/$(COMPETITION).yaml
 FOLDS_CSV := folds/$(COMPETITION).csv
-FINISHED := $(filter-out ensemble bench,$(patsubst runs/%/scores.json,%,$(wildcard runs/*/scores.json)))
-EXPS := $(or $(strip $(EXPS)),$(FINISHED),$(EXP))
+# Without EXPS, the ensemble blends every finished run of the competition (found by Python), and
+# always asks Python, which knows when it is up to date; EXP's run is trained first if missing.
+ENSEMBLE_DEPS := $(if $(strip $(EXPS)),$(foreach e,$(EXPS),runs/$(e)/scores.json),runs/$(EXP)/scores.json FORCE)
 # make submit EXP=x submits one experiment; without EXP it submits the ensemble.
 SOURCE := $(if $(filter command line,$(origin EXP)),$(EXP),ensemble)
 
@@ -51,13 +53,13 @@ folds: $(FOLDS_CSV) ## assign every training row to one CV fold
 $(FOLDS_CSV): $(DATA) $(COMP_YAML) $(FORCE_IF_ARGS) | $(INSTALLED)
 	$(PY) -m pipeline.folds $(CLI_ARGS)
 
-train: runs/$(EXP)/scores.json ## train every fold of configs/$(EXP).yaml: OOF and test predictions
+train: runs/$(EXP)/scores.json ## train every fold of configs/<EXP>.yaml: OOF and test predictions, CV printed
 runs/%/scores.json: configs/%.yaml $(FOLDS_CSV) $(COMP_YAML) $(FORCE_IF_ARGS) | $(INSTALLED)
 	$(PY) -m pipeline.train --exp $* $(CLI_ARGS)
 
-ensemble: runs/ensemble/scores.json ## blend the OOF predictions of EXPS (default: every finished run)
-runs/ensemble/scores.json: $(foreach e,$(EXPS),runs/$(e)/scores.json) $(FORCE_IF_ARGS) | $(INSTALLED)
-	$(PY) -m pipeline.ensemble --members $(EXPS) -- $(CLI_ARGS)
+ensemble: runs/ensemble/scores.json ## blend the OOF predictions of EXPS (default: every finished run); STACK=1 adds stacking
+runs/ensemble/scores.json: $(ENSEMBLE_DEPS) $(FORCE_IF_ARGS) | $(INSTALLED)
+	$(PY) -m pipeline.ensemble $(if $(strip $(EXPS)),--members $(EXPS)) $(if $(filter 1,$(STACK)),--stack) -- $(CLI_ARGS)
 
 submit: runs/$(SOURCE)/scores.json ## write a validated submission; SUBMIT=1 uploads it
 	$(PY) -m pipeline.submit --source $(SOURCE) $(if $(filter 1,$(SUBMIT)),--upload) -- $(CLI_ARGS)

@@ -7,8 +7,6 @@ complete, so an interrupted download never looks finished. The files are never m
 
 from __future__ import annotations
 
-import sys
-
 from pipeline import demo
 from pipeline.config import DATA_DIR, config_from_argv, run
 

@@ -184,3 +184,29 @@ def test_fold_subset_then_rest(workdir, capsys):
     assert "fold 0: finished earlier" in capsys.readouterr().out
     assert (workdir / "runs" / "run" / "oof.csv").exists()
     assert os.path.exists(workdir / "runs" / "run" / "scores.json")
+
+
+@pytest.mark.slow
+def test_kill_9_during_third_fold_then_resume_is_byte_identical(workdir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _setup(workdir)
+    args = ["competition=toy", *TINY, "epochs=4"]
+    T.main([*args, "name=full"])
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args, "name=run"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fold2 = workdir / "runs" / "run" / "fold2"
+    deadline = time.time() + 120
+    while not (fold2 / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (fold2 / "done.json").exists(), "the run finished before it could be killed"
+    assert not (workdir / "runs" / "run" / "oof.csv").exists()
+    T.main([*args, "name=run"])
+    for name in ("oof.csv", "test.csv"):
+        assert (workdir / "runs" / "run" / name).read_bytes() == \
+            (workdir / "runs" / "full" / name).read_bytes()
