@@ -1,6 +1,7 @@
 # The pipeline's DAG. Artifacts are file targets, so a target whose inputs have not changed does no
 # work; every Python step also checks its own inputs and writes its outputs atomically.
 #   make train EXP=baseline ARGS="lr=3e-4 epochs=20" FOLDS=0,2
+#   make train NPROC=4          # data-parallel over 4 GPUs (torchrun; gloo on CPU)
 COMPETITION ?= demo
 EXP ?= baseline
 ARGS ?=
@@ -8,6 +9,7 @@ FOLDS ?=
 EXPS ?=
 SUBMIT ?= 0
 STACK ?= 0
+NPROC ?= 1
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
@@ -26,13 +28,15 @@ FOLDS_CSV := folds/$(COMPETITION).csv
 # Without EXPS, the ensemble blends every finished run of the competition (found by Python), and
 # always asks Python, which knows when it is up to date; EXP's run is trained first if missing.
 ENSEMBLE_DEPS := $(if $(strip $(EXPS)),$(foreach e,$(EXPS),runs/$(e)/scores.json),runs/$(EXP)/scores.json FORCE)
+# NPROC>1 trains with torch's own launcher, one process per GPU (DistributedDataParallel).
+TRAIN := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m,$(PY) -m) pipeline.train
 # make submit EXP=x submits one experiment; without EXP it submits the ensemble.
 SOURCE := $(if $(filter command line,$(origin EXP)),$(EXP),ensemble)
 
 .PHONY: help install data init folds train ensemble submit leaderboard bench test lint clean FORCE
 
 help: ## list the targets (default)
-	@echo "usage: make <target> [COMPETITION=$(COMPETITION)] [EXP=$(EXP)] [ARGS='key=value ...'] [FOLDS=0,2] [EXPS='a b']"
+	@echo "usage: make <target> [COMPETITION=$(COMPETITION)] [EXP=$(EXP)] [ARGS='key=value ...'] [FOLDS=0,2] [EXPS='a b'] [NPROC=1]"
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
 
 install: $(INSTALLED) ## create .venv and install the project with its dev extras (idempotent)
@@ -53,9 +57,9 @@ folds: $(FOLDS_CSV) ## assign every training row to one CV fold
 $(FOLDS_CSV): $(DATA) $(COMP_YAML) $(FORCE_IF_ARGS) | $(INSTALLED)
 	$(PY) -m pipeline.folds $(CLI_ARGS)
 
-train: runs/$(EXP)/scores.json ## train every fold of configs/<EXP>.yaml: OOF and test predictions, CV printed
+train: runs/$(EXP)/scores.json ## train every fold of configs/<EXP>.yaml: OOF and test predictions, CV printed; NPROC=N: N GPUs
 runs/%/scores.json: configs/%.yaml $(FOLDS_CSV) $(COMP_YAML) $(FORCE_IF_ARGS) | $(INSTALLED)
-	$(PY) -m pipeline.train --exp $* $(CLI_ARGS)
+	$(TRAIN) --exp $* $(CLI_ARGS)
 
 ensemble: runs/ensemble/scores.json ## blend the OOF predictions of EXPS (default: every finished run); STACK=1 adds stacking
 runs/ensemble/scores.json: $(ENSEMBLE_DEPS) $(FORCE_IF_ARGS) | $(INSTALLED)

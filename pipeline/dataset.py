@@ -107,11 +107,15 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     """Shuffled batches of ``(epoch, index)`` keys; the order depends only on (seed, epoch).
 
     Call :meth:`set_epoch` before iterating. Works with persistent workers because the sampler runs
-    in the training process.
+    in the training process. Under data-parallel training (``world`` > 1) the shuffled order is cut
+    into global batches of ``batch_size * world`` rows and rank ``r`` takes every ``world``-th row of
+    each from the ``r``-th on, so the ranks see disjoint rows and the same number of batches.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool):
+    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool, rank: int = 0,
+                 world: int = 1):
         self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
+        self.rank, self.world = rank, world
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -120,14 +124,16 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 7))
         order = torch.randperm(self.n, generator=g).tolist()
-        for s in range(0, self.n, self.batch_size):
-            batch = order[s:s + self.batch_size]
-            if self.drop_last and len(batch) < self.batch_size:
+        step = self.batch_size * self.world
+        for s in range(0, self.n, step):
+            batch = order[s:s + step]
+            if self.drop_last and len(batch) < step:
                 return
-            yield [(self.epoch, i) for i in batch]
+            yield [(self.epoch, i) for i in batch[self.rank::self.world]]
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        step = self.batch_size * self.world
+        return self.n // step if self.drop_last else -(-self.n // step)
 
 
 def create_transforms(cfg: Config, model: torch.nn.Module):
@@ -144,14 +150,17 @@ def create_transforms(cfg: Config, model: torch.nn.Module):
     return train_tf, eval_tf
 
 
-def create_loader(dataset, cfg: Config, *, train: bool, device: torch.device, epoch_seed: int = 0):
-    """A DataLoader: seeded epoch batches for training, ordered batches for prediction."""
+def create_loader(dataset, cfg: Config, *, train: bool, device: torch.device, epoch_seed: int = 0,
+                  rank: int = 0, world: int = 1):
+    """A DataLoader: seeded epoch batches (this rank's share) for training, ordered batches for
+    prediction."""
     workers = cfg.num_workers
     kwargs = dict(num_workers=workers, pin_memory=device.type == "cuda",
                   persistent_workers=workers > 0)
     if train:
         sampler = EpochBatchSampler(len(dataset), cfg.batch_size, epoch_seed,
-                                    drop_last=len(dataset) > cfg.batch_size)
+                                    drop_last=len(dataset) > cfg.batch_size * world,
+                                    rank=rank, world=world)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **kwargs)
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.infer_batch_size, shuffle=False,
                                        **kwargs)

@@ -11,6 +11,10 @@ A finished fold is never retrained. An unfinished one resumes from ``fold<k>/las
 atomically after every epoch with the model, optimizer, scheduler, AMP scaler, EMA, early-stopping
 state and history; all randomness is derived from (seed, fold, epoch, row), so a resumed run gives
 exactly the predictions of an uninterrupted one.
+
+Under ``torchrun --nproc_per_node=N -m pipeline.train ...`` (``make train NPROC=N``) each fold trains
+with DistributedDataParallel: every process takes ``batch_size`` rows of each global batch of
+``batch_size * N`` and predicts a slice of the validation and test rows; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.competition import Competition, load_competition
 from pipeline.config import (
     RUNS_DIR,
@@ -96,20 +101,26 @@ def seed_all(seed: int) -> None:
 class Fold:
     """Everything one fold trains and saves: built from the config, restorable from ``last.pt``."""
 
-    def __init__(self, cfg: Config, comp: Competition, k: int, n_train: int, device):
-        self.cfg, self.comp, self.k, self.device = cfg, comp, k, device
+    def __init__(self, cfg: Config, comp: Competition, k: int, n_train: int, device,
+                 dist: distributed.Dist = distributed.SINGLE):
+        self.cfg, self.comp, self.k, self.device, self.dist = cfg, comp, k, device, dist
         seed_all(epoch_seed(cfg, k, -1))
         self.model = create_model(cfg, comp.num_outputs).to(device)
         self.channels_last = cfg.channels_last == "on" or (
             cfg.channels_last == "auto" and device.type == "cuda")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.ddp = None
+        if dist.enabled:  # gradients averaged over ranks; the weights stay in self.model
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = self.ddp if self.ddp is not None else self.model
+        self.forward = torch.compile(net) if cfg.compile else net
         self.amp = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=cfg.lr,
                                              weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-        self.updates_per_epoch = max(1, (n_train // cfg.batch_size) // cfg.accum_steps)
+        self.updates_per_epoch = max(1, (n_train // (cfg.batch_size * dist.world)) // cfg.accum_steps)
         self.scheduler = None
         if cfg.sched != "none":
             self.scheduler, _ = create_scheduler_v2(
@@ -165,8 +176,9 @@ def train_one_epoch(f: Fold, loader, target_scale) -> float:
     total = torch.zeros((), device=device)
     n_steps = len(loader)
     bar = tqdm(loader, desc=f"fold {f.k} epoch {f.epoch + 1}/{cfg.epochs}", leave=False,
-               dynamic_ncols=True, mininterval=1.0)
+               dynamic_ncols=True, mininterval=1.0, disable=not f.dist.is_main)
     for step, (x, y) in enumerate(bar):
+        sync = (step + 1) % cfg.accum_steps == 0 or step + 1 == n_steps
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if f.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -174,12 +186,16 @@ def train_one_epoch(f: Fold, loader, target_scale) -> float:
             x, y = f.mixup(x, y)
         elif target_scale is not None:
             y = (y.float() - target_scale[0]) / target_scale[1]
-        with autocast(device, f.amp):
-            out = f.forward(x)
-            loss = f.loss_fn(out, y if f.comp.task == "multiclass" else y.float().reshape(out.shape))
-        f.scaler.scale(loss / cfg.accum_steps).backward()
+        # Under DDP, gradients of accumulation micro-steps are averaged once, at the update.
+        no_sync = f.ddp.no_sync() if f.ddp is not None and not sync else contextlib.nullcontext()
+        with no_sync:
+            with autocast(device, f.amp):
+                out = f.forward(x)
+                loss = f.loss_fn(out, y if f.comp.task == "multiclass"
+                                 else y.float().reshape(out.shape))
+            f.scaler.scale(loss / cfg.accum_steps).backward()
         total += loss.detach()
-        if (step + 1) % cfg.accum_steps == 0 or step + 1 == n_steps:
+        if sync:
             if cfg.clip_grad:
                 f.scaler.unscale_(f.optimizer)
                 torch.nn.utils.clip_grad_norm_(f.model.parameters(), cfg.clip_grad)
@@ -192,18 +208,23 @@ def train_one_epoch(f: Fold, loader, target_scale) -> float:
             if f.ema:
                 f.ema.update(f.model, step=updates)
         if step % 10 == 0 or step + 1 == n_steps:  # the only host sync: progress and the NaN check
-            mean = total.item() / (step + 1)
+            # summed over ranks, so that every rank sees a NaN at the same step and stops together
+            mean = distributed.sum_scalar(total, f.dist).item() / ((step + 1) * f.dist.world)
             if not math.isfinite(mean):
                 raise TrainingDiverged(
                     f"fold {f.k} epoch {f.epoch + 1}: training loss is {mean} at step {step}; "
                     f"lower lr (now {cfg.lr}) or set amp=off. The fold stays unfinished.")
             bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
-    return total.item() / max(1, n_steps)
+    return distributed.sum_scalar(total, f.dist).item() / (max(1, n_steps) * f.dist.world)
 
 
 @torch.inference_mode()
 def predict(model, loader, f: Fold, views: list[str], target_scale=None):
-    """Activated predictions (n, k) averaged over the identity view and ``views``; also raw logits."""
+    """Activated predictions (n, k) averaged over the identity view and ``views``; also raw logits.
+
+    Under DDP ``loader`` holds this rank's :func:`distributed.shard` of the rows; the result holds
+    all rows, gathered in order, on every rank.
+    """
     model.eval()
     outs, logits_all = [], []
     for x, _ in loader:
@@ -219,10 +240,10 @@ def predict(model, loader, f: Fold, views: list[str], target_scale=None):
                     logits_all.append(logits.cpu())
                 preds.append(activate(logits, f.comp.task))
         outs.append(torch.stack(preds).mean(0).cpu())
-    pred = torch.cat(outs).numpy().astype(np.float64)
+    pred = distributed.gather_rows(torch.cat(outs), f.dist).numpy().astype(np.float64)
     if target_scale is not None:
         pred = pred * target_scale[1].cpu().numpy() + target_scale[0].cpu().numpy()
-    return pred, torch.cat(logits_all)
+    return pred, distributed.gather_rows(torch.cat(logits_all), f.dist)
 
 
 def plot_curve(history: list[dict], path: Path, metric: str) -> None:
@@ -250,17 +271,18 @@ def plot_curve(history: list[dict], path: Path, metric: str) -> None:
 
 def run_fold(f: Fold, fold_dir: Path, data: dict, metric: Metric) -> None:
     """Train fold ``f.k`` to the end (or early stop), resuming from ``last.pt`` when present."""
-    cfg = f.cfg
+    cfg, main = f.cfg, f.dist.is_main
     last, best = fold_dir / "last.pt", fold_dir / "best.pt"
     if last.exists():
         f.load_state(torch.load(last, map_location=f.device, weights_only=False))
-        print(f"fold {f.k}: resuming after epoch {f.epoch} (best {metric.name} {f.best_score})")
+        if main:
+            print(f"fold {f.k}: resuming after epoch {f.epoch} (best {metric.name} {f.best_score})")
     train_loader, val_loader = data["train_loader"], data["val_loader"]
     y_val, scale, val_t = data["y_val"], data["target_scale"], data["val_targets_t"]
     stop = False
     while f.epoch < cfg.epochs and not stop:
         t0 = time.time()
-        seed_all(epoch_seed(cfg, f.k, f.epoch))
+        seed_all(epoch_seed(cfg, f.k, f.epoch) + f.dist.rank)  # dropout, mixup: their own per rank
         train_loss = train_one_epoch(f, train_loader, scale)
         pred, logits = predict(f.eval_model, val_loader, f, [], scale)
         val_loss = _val_loss(f, logits, val_t, scale)
@@ -268,7 +290,8 @@ def run_fold(f: Fold, fold_dir: Path, data: dict, metric: Metric) -> None:
         improved = metric.better(score, f.best_score, cfg.min_delta)
         if improved:
             f.best_score, f.best_epoch, f.bad_epochs = score, f.epoch, 0
-            save_atomic(f.eval_model.state_dict(), best)
+            if main:
+                save_atomic(f.eval_model.state_dict(), best)
         else:
             f.bad_epochs += 1
         if f.scheduler:
@@ -278,13 +301,17 @@ def run_fold(f: Fold, fold_dir: Path, data: dict, metric: Metric) -> None:
                           metric.name: score, "lr": lr, "seconds": round(time.time() - t0, 2)})
         f.epoch += 1
         stop = cfg.patience > 0 and f.bad_epochs >= cfg.patience
-        atomic_write_csv(fold_dir / "log.csv", pd.DataFrame(f.history))
-        save_atomic(f.state(), last)
-        tqdm.write(f"fold {f.k} epoch {f.epoch:>3}/{cfg.epochs}  train_loss {train_loss:.4f}  "
-                   f"val_loss {val_loss:.4f}  {metric.name} {score:.5f}{' *' if improved else '  '}"
-                   f"  lr {lr:.2e}  {time.time() - t0:.1f}s"
-                   + ("  early stop" if stop else ""))
-    plot_curve(f.history, fold_dir / "curve.png", metric.name)
+        if main:
+            atomic_write_csv(fold_dir / "log.csv", pd.DataFrame(f.history))
+            save_atomic(f.state(), last)
+        distributed.barrier(f.dist)  # best.pt and last.pt are on disk before any rank reads them
+        if main:
+                tqdm.write(f"fold {f.k} epoch {f.epoch:>3}/{cfg.epochs}  train_loss {train_loss:.4f}  "
+                       f"val_loss {val_loss:.4f}  {metric.name} {score:.5f}"
+                       f"{' *' if improved else '  '}  lr {lr:.2e}  {time.time() - t0:.1f}s"
+                       + ("  early stop" if stop else ""))
+    if main:
+        plot_curve(f.history, fold_dir / "curve.png", metric.name)
 
 
 def _val_loss(f: Fold, logits, targets, scale) -> float:
@@ -306,6 +333,7 @@ def check_run_dir(run_dir: Path, resolved: dict) -> None:
     if not path.exists():
         return
     old = yaml.safe_load(path.read_text()) or {}
+    old.setdefault("world_size", 1)  # recorded since data-parallel training came
     diff = [k for k in resolved if k not in RUNTIME_KEYS and old.get(k) != resolved[k]]
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {resolved[k]!r}" for k in diff[:5])
@@ -313,7 +341,7 @@ def check_run_dir(run_dir: Path, resolved: dict) -> None:
                           f"delete {run_dir} or pick another name=...")
 
 
-def prepare(cfg: Config, comp: Competition):
+def prepare(cfg: Config, comp: Competition, verbose: bool = True):
     """Tables, folds, image paths (all checked to exist) and decoded caches shared by all folds."""
     train = comp.train_table()
     folds, folds_sha = read_folds(comp, train)
@@ -324,8 +352,9 @@ def prepare(cfg: Config, comp: Competition):
     if cfg.cache_images:
         t0 = time.time()
         cache = {s: cache_images(p, max_side) for s, p in paths.items()}
-        print(f"cached {len(paths['train'])} train and {len(paths['test'])} test images "
-              f"in {time.time() - t0:.1f}s")
+        if verbose:
+            print(f"cached {len(paths['train'])} train and {len(paths['test'])} test images "
+                  f"in {time.time() - t0:.1f}s")
     return train, test, folds, folds_sha, paths, cache, max_side
 
 
@@ -336,46 +365,69 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg)
+    d = distributed.init(device.type)
+    try:
+        if d.enabled and device.type == "cuda":
+            device = torch.device("cuda", d.local_rank)
+        return _train_run(cfg, comp, metric, device, d)
+    finally:
+        distributed.close(d)
+
+
+def _train_run(cfg: Config, comp: Competition, metric: Metric, device, d: distributed.Dist) -> int:
+    main = d.is_main
     run_dir = RUNS_DIR / cfg.name
-    train, test, folds, folds_sha, paths, cache, max_side = prepare(cfg, comp)
+    train, test, folds, folds_sha, paths, cache, max_side = prepare(cfg, comp, verbose=main)
     n_folds = int(folds.max()) + 1
     todo = fold_list(cfg, n_folds)
-    resolved = {**cfg.to_dict(), "folds_sha256": folds_sha, "n_folds": n_folds}
+    resolved = {**cfg.to_dict(), "folds_sha256": folds_sha, "n_folds": n_folds, "world_size": d.world}
     check_run_dir(run_dir, resolved)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump(resolved))
+    distributed.barrier(d)  # every rank has checked config.yaml before rank 0 rewrites it
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump(resolved))
     if (run_dir / "scores.json").exists() and all(
             (run_dir / f"fold{k}" / "done.json").exists() for k in range(n_folds)):
-        os.utime(run_dir / "scores.json")
-        print(f"train: {run_dir} is complete, nothing to do")
+        if main:
+            os.utime(run_dir / "scores.json")
+            print(f"train: {run_dir} is complete, nothing to do")
         return 0
+    if main and d.enabled:
+        print(f"data parallel: {d.world} processes ({device.type}) x batch_size {cfg.batch_size} "
+              f"= {d.world * cfg.batch_size} rows per step")
 
     y = comp.targets(train)
     t_start = time.time()
     for k in todo:
         fold_dir = run_dir / f"fold{k}"
         if (fold_dir / "done.json").exists():
-            print(f"fold {k}: finished earlier, skipping")
+            if main:
+                print(f"fold {k}: finished earlier, skipping")
             continue
-        fold_dir.mkdir(exist_ok=True)
-        train_one_fold(cfg, comp, k, folds, y, paths, cache, max_side, fold_dir, device, metric)
+        distributed.barrier(d)
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        train_one_fold(cfg, comp, k, folds, y, paths, cache, max_side, fold_dir, device, metric, d)
 
     done = [k for k in range(n_folds) if (run_dir / f"fold{k}" / "done.json").exists()]
     if len(done) < n_folds:
-        print(f"train: folds {done} of {n_folds} finished; oof.csv is written when all are")
+        if main:
+            print(f"train: folds {done} of {n_folds} finished; oof.csv is written when all are")
         return 0
-    write_outputs(run_dir, comp, train, test, folds, y, metric, n_folds, time.time() - t_start)
+    if main:
+        write_outputs(run_dir, comp, train, test, folds, y, metric, n_folds, time.time() - t_start)
+    distributed.barrier(d)
     return 0
 
 
-def train_one_fold(cfg, comp, k, folds, y, paths, cache, max_side, fold_dir, device, metric):
+def train_one_fold(cfg, comp, k, folds, y, paths, cache, max_side, fold_dir, device, metric,
+                   d: distributed.Dist = distributed.SINGLE):
     """Train, then predict the fold's validation rows and the test set; ``done.json`` last."""
     tr, va = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
     target_scale = None
     if comp.task == "regression":
         target_scale = (torch.tensor(y[tr].mean(0), dtype=torch.float32, device=device),
                         torch.tensor(y[tr].std(0) + 1e-8, dtype=torch.float32, device=device))
-    f = Fold(cfg, comp, k, len(tr), device)
+    f = Fold(cfg, comp, k, len(tr), device, d)
     train_tf, eval_tf = create_transforms(cfg, f.model)
 
     def subset(split, idx, tf, targets):
@@ -386,10 +438,12 @@ def train_one_fold(cfg, comp, k, folds, y, paths, cache, max_side, fold_dir, dev
 
     y_t = y.astype(np.float32) if comp.task in ("regression", "multilabel") else y
     train_ds = subset("train", tr, train_tf, y_t[tr])
-    val_ds = subset("train", va, eval_tf, y_t[va])
-    test_ds = subset("test", np.arange(len(paths["test"])), eval_tf, None)
+    # each rank predicts its slice of the rows; predict() gathers them in order
+    val_ds = subset("train", distributed.shard(va, d), eval_tf, None)
+    test_ds = subset("test", distributed.shard(np.arange(len(paths["test"])), d), eval_tf, None)
     data = {"train_loader": create_loader(train_ds, cfg, train=True, device=device,
-                                          epoch_seed=epoch_seed(cfg, k, 0)),
+                                          epoch_seed=epoch_seed(cfg, k, 0), rank=d.rank,
+                                          world=d.world),
             "val_loader": create_loader(val_ds, cfg, train=False, device=device),
             "y_val": y[va], "target_scale": target_scale, "val_targets_t": torch.as_tensor(y_t[va])}
     run_fold(f, fold_dir, data, metric)
@@ -398,18 +452,19 @@ def train_one_fold(cfg, comp, k, folds, y, paths, cache, max_side, fold_dir, dev
     oof, _ = predict(f.eval_model, data["val_loader"], f, cfg.tta, target_scale)
     test_pred, _ = predict(f.eval_model, create_loader(test_ds, cfg, train=False, device=device),
                            f, cfg.tta, target_scale)
-    cols = comp.pred_columns
-    oof_df = pd.DataFrame(oof, columns=cols)
-    oof_df.insert(0, "_row", va)  # position in train.csv, for pooling
-    atomic_write_csv(fold_dir / "oof.csv", oof_df)
-    np.save(fold_dir / "test.npy", test_pred)
     score = metric(y[va], oof, comp.task)
-    atomic_write_json(fold_dir / "done.json", {"fold": k, "score": score, "best_epoch": f.best_epoch + 1,
-                                               "epochs_run": f.epoch,
-                                               "seconds": sum(h["seconds"] for h in f.history)})
-    (fold_dir / "last.pt").unlink(missing_ok=True)
-    print(f"fold {k}: {metric.name} {score:.5f} (best epoch {f.best_epoch + 1}"
-          f"{', with TTA ' + '+'.join(cfg.tta) if cfg.tta else ''})")
+    if d.is_main:
+        oof_df = pd.DataFrame(oof, columns=comp.pred_columns)
+        oof_df.insert(0, "_row", va)  # position in train.csv, for pooling
+        atomic_write_csv(fold_dir / "oof.csv", oof_df)
+        np.save(fold_dir / "test.npy", test_pred)
+        atomic_write_json(fold_dir / "done.json", {
+            "fold": k, "score": score, "best_epoch": f.best_epoch + 1, "epochs_run": f.epoch,
+            "seconds": sum(h["seconds"] for h in f.history)})
+        (fold_dir / "last.pt").unlink(missing_ok=True)
+        print(f"fold {k}: {metric.name} {score:.5f} (best epoch {f.best_epoch + 1}"
+              f"{', with TTA ' + '+'.join(cfg.tta) if cfg.tta else ''})")
+    distributed.barrier(d)  # done.json is on disk before any rank looks for it
 
 
 def write_outputs(run_dir, comp, train, test, folds, y, metric, n_folds, seconds) -> None:

@@ -210,3 +210,60 @@ def test_kill_9_during_third_fold_then_resume_is_byte_identical(workdir):
     for name in ("oof.csv", "test.csv"):
         assert (workdir / "runs" / "run" / name).read_bytes() == \
             (workdir / "runs" / "full" / name).read_bytes()
+
+
+def test_epoch_batches_are_shared_between_ranks():
+    from pipeline.dataset import EpochBatchSampler
+
+    for n in (37, 40, 5):
+        whole = EpochBatchSampler(n, 8, seed=3, drop_last=n > 16)
+        ranks = [EpochBatchSampler(n, 4, seed=3, drop_last=n > 16, rank=r, world=2) for r in (0, 1)]
+        for s in (whole, *ranks):
+            s.set_epoch(2)
+        per_rank = [list(s) for s in ranks]
+        assert len(per_rank[0]) == len(per_rank[1]) == len(ranks[0]) == len(whole)
+        for batch, b0, b1 in zip(whole, *per_rank, strict=True):
+            assert sorted(b0 + b1) == sorted(batch) and not set(b0) & set(b1)
+            assert b0 == batch[0::2] and b1 == batch[1::2]
+
+
+@pytest.mark.slow
+def test_data_parallel_two_processes_on_gloo(workdir):
+    """torchrun with 2 CPU processes: complete, deterministic outputs written once, OOF rows in order."""
+    import subprocess
+    import sys
+
+    from pipeline.competition import load_competition
+    from pipeline.config import load_config
+    from pipeline.dataset import ImageDataset, create_loader, create_transforms
+
+    _setup(workdir)
+    args = ["competition=toy", *TINY, "epochs=2", "accum_steps=2", "batch_size=4"]
+    for name in ("ddp", "again"):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=2", "-m", "pipeline.train", *args, f"name={name}"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("CV accuracy") == 1  # rank 0 alone reports
+        assert "2 processes (cpu) x batch_size 4 = 8 rows per step" in done.stdout
+    run = workdir / "runs" / "ddp"
+    assert (run / "oof.csv").read_bytes() == (workdir / "runs" / "again" / "oof.csv").read_bytes()
+    assert "world_size: 2" in (run / "config.yaml").read_text()
+    oof = pd.read_csv(run / "oof.csv", dtype={"id": str})
+    train = pd.read_csv(workdir / "data" / "toy" / "train.csv", dtype={"id": str})
+    assert list(oof["id"]) == list(train["id"])
+    # every OOF row is what its fold's best model predicts for it in one process
+    cfg = load_config(None, args)
+    comp = load_competition("toy")
+    _, _, folds, _, paths, cache, max_side = T.prepare(cfg, comp, verbose=False)
+    for k in range(3):
+        f = T.Fold(cfg, comp, k, 10, torch.device("cpu"))
+        f.eval_model.load_state_dict(torch.load(run / f"fold{k}" / "best.pt"))
+        va = np.flatnonzero(folds == k)
+        ds = ImageDataset([paths["train"][i] for i in va], None, create_transforms(cfg, f.model)[1],
+                          images=[cache["train"][i] for i in va], max_side=max_side)
+        pred, _ = T.predict(f.eval_model, create_loader(ds, cfg, train=False, device=f.device), f, [])
+        assert np.allclose(pred, oof.iloc[va, 1:].to_numpy(), atol=1e-5)
+    # a different number of processes would train differently: refused, not mixed
+    with pytest.raises(ConfigError, match="world_size: 2 -> 1"):
+        T.main([*args, "name=ddp"])
