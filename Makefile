@@ -30,10 +30,10 @@ FOLDS_CSV := folds/$(COMPETITION).csv
 ENSEMBLE_DEPS := $(if $(strip $(EXPS)),$(foreach e,$(EXPS),runs/$(e)/scores.json),runs/$(EXP)/scores.json FORCE)
 # NPROC>1 trains with torch's own launcher, one process per GPU (DistributedDataParallel).
 TRAIN := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m,$(PY) -m) pipeline.train
-# make submit EXP=x submits one experiment; without EXP it submits the ensemble.
+# make submit (and bundle) EXP=x uses one experiment; without EXP, the ensemble.
 SOURCE := $(if $(filter command line,$(origin EXP)),$(EXP),ensemble)
 
-.PHONY: help install data init folds train ensemble submit leaderboard bench test lint clean FORCE
+.PHONY: help install data init folds train ensemble submit bundle leaderboard bench test lint clean FORCE
 
 help: ## list the targets (default)
 	@echo "usage: make <target> [COMPETITION=$(COMPETITION)] [EXP=$(EXP)] [ARGS='key=value ...'] [FOLDS=0,2] [EXPS='a b'] [NPROC=1]"
@@ -67,6 +67,9 @@ runs/ensemble/scores.json: $(ENSEMBLE_DEPS) $(FORCE_IF_ARGS) | $(INSTALLED)
 
 submit: runs/$(SOURCE)/scores.json ## write a validated submission; SUBMIT=1 uploads it
 	$(PY) -m pipeline.submit --source $(SOURCE) $(if $(filter 1,$(SUBMIT)),--upload) -- $(CLI_ARGS)
+
+bundle: runs/$(SOURCE)/scores.json ## offline folder for code competitions (models + predict.py), checked locally
+	$(PY) -m pipeline.bundle --source $(SOURCE) -- $(CLI_ARGS)
 
 leaderboard: | $(INSTALLED) ## one table of every run: CV, folds, time, leaderboard score
 	$(PY) -m pipeline.leaderboard $(CLI_ARGS)

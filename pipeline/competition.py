@@ -74,12 +74,13 @@ class Competition:
     submission: str
     target_range: list[float]
     source: str = ""  # the YAML file this came from
+    data_root: str = ""  # where the files are, when not data/<name>/ (e.g. /kaggle/input/<name>)
     _index: dict = field(default_factory=dict, repr=False)
 
     # -- paths -----------------------------------------------------------------------------------
     @property
     def data_dir(self) -> Path:
-        return DATA_DIR / self.name
+        return Path(self.data_root) if self.data_root else DATA_DIR / self.name
 
     def path(self, name: str) -> Path:
         return self.data_dir / name

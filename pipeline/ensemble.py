@@ -57,7 +57,7 @@ from pipeline.folds import read_folds
 from pipeline.metrics import Metric, get_metric, to_labels
 
 NAME = "ensemble"
-NOT_MEMBERS = ("ensemble", "bench")  # run folders that are not experiments
+NOT_MEMBERS = ("ensemble", "bench", "bundle", "tune")  # run folders that are not experiments
 MEMBER_FILES = ("config.yaml", "oof.csv", "test.csv", "scores.json")
 CARUANA_ITERS = 50
 EPS = 1e-7
