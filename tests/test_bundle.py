@@ -33,7 +33,7 @@ def test_bundle_predicts_a_hidden_test_set_offline(workdir, capsys):
     E.main(["--", "competition=toy"])
     assert B.main(["--source", "ensemble", "--", "competition=toy"]) == 0
     out = capsys.readouterr().out
-    assert "checked offline" in out and "submission identical" in out
+    assert "checked offline" in out and "same submission" in out
     bundle = workdir / "runs" / "bundle" / "ensemble"
     manifest = json.loads((bundle / "bundle.json").read_text())
     weights = json.loads((workdir / "runs" / "ensemble" / "weights.json").read_text())
@@ -98,3 +98,18 @@ def test_rank_blend_matches_the_ensemble():
     expected = E.combine(np.stack([E.rank_columns(p) for p in preds]), np.array([0.5, 0.5]))
     assert np.allclose(B.blend("rank_mean", preds, [0.5, 0.5]), expected)
     assert np.allclose(B.blend("weights", preds, [0.25, 0.75]), 0.25 * preds[0] + 0.75 * preds[1])
+
+
+def test_submission_mismatch_allows_only_near_ties(workdir):
+    make_competition(workdir)
+    from pipeline.competition import load_competition
+
+    comp = load_competition("toy")
+    ref = pd.DataFrame([[0.5, 0.49995, 0.00005], [0.9, 0.05, 0.05]], columns=["0", "1", "2"])
+    expected = pd.DataFrame({"id": ["t0", "t1"], "label": [0, 0]})
+    tie_flip = pd.DataFrame({"id": ["t0", "t1"], "label": [1, 0]})
+    real_flip = pd.DataFrame({"id": ["t0", "t1"], "label": [0, 2]})
+    assert B.submission_mismatch(comp, tie_flip, expected, ref, 1e-4) == ""
+    assert "other labels (id t1)" in B.submission_mismatch(comp, real_flip, expected, ref, 1e-4)
+    assert B.submission_mismatch(comp, expected.iloc[::-1], expected, ref, 1e-4) == \
+        "other columns or ids"
