@@ -10,6 +10,7 @@ EXPS ?=
 SUBMIT ?= 0
 STACK ?= 0
 NPROC ?= 1
+TRIALS ?= 20
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
@@ -33,10 +34,10 @@ TRAIN := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc
 # make submit (and bundle) EXP=x uses one experiment; without EXP, the ensemble.
 SOURCE := $(if $(filter command line,$(origin EXP)),$(EXP),ensemble)
 
-.PHONY: help install data init folds train ensemble submit bundle leaderboard bench test lint clean FORCE
+.PHONY: help install data init folds train tune ensemble submit bundle leaderboard bench test lint clean FORCE
 
 help: ## list the targets (default)
-	@echo "usage: make <target> [COMPETITION=$(COMPETITION)] [EXP=$(EXP)] [ARGS='key=value ...'] [FOLDS=0,2] [EXPS='a b'] [NPROC=1]"
+	@echo "usage: make <target> [COMPETITION=$(COMPETITION)] [EXP=$(EXP)] [ARGS='key=value ...'] [FOLDS=0,2] [EXPS='a b'] [NPROC=1] [TRIALS=20]"
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
 
 install: $(INSTALLED) ## create .venv and install the project with its dev extras (idempotent)
@@ -60,6 +61,9 @@ $(FOLDS_CSV): $(DATA) $(COMP_YAML) $(FORCE_IF_ARGS) | $(INSTALLED)
 train: runs/$(EXP)/scores.json ## train every fold of configs/<EXP>.yaml: OOF and test predictions, CV printed; NPROC=N: N GPUs
 runs/%/scores.json: configs/%.yaml $(FOLDS_CSV) $(COMP_YAML) $(FORCE_IF_ARGS) | $(INSTALLED)
 	$(TRAIN) --exp $* $(CLI_ARGS)
+
+tune: $(FOLDS_CSV) $(COMP_YAML) | $(INSTALLED) ## Optuna search over configs/tune/<EXP>.yaml: TRIALS trials on fold 0 (or FOLDS), resumable
+	$(PY) -m pipeline.tune --exp $(EXP) --trials $(TRIALS) -- $(CLI_ARGS)
 
 ensemble: runs/ensemble/scores.json ## blend the OOF predictions of EXPS (default: every finished run); STACK=1 adds stacking
 runs/ensemble/scores.json: $(ENSEMBLE_DEPS) $(FORCE_IF_ARGS) | $(INSTALLED)

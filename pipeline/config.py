@@ -130,6 +130,8 @@ def _coerce(key: str, value, source: str):
                 raise TypeError
             return int(value)
         if hint is float:
+            if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+                value = float(value)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError
             return float(value)

@@ -29,8 +29,14 @@ def test_wrong_type_names_key(workdir):
         load_config(None, ["ema=maybe"])
 
 
-def test_scientific_notation_is_a_number():
+def test_scientific_notation_is_a_number(workdir):
     assert parse_overrides(["lr=3e-4"]) == {"lr": 3e-4}
+    (workdir / "configs" / "sci.yaml").write_text("lr: 1e-3\nweight_decay: 5E-2\n")  # YAML 1.1: strings
+    cfg = load_config("sci")
+    assert cfg.lr == 0.001 and cfg.weight_decay == 0.05
+    (workdir / "configs" / "bad.yaml").write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match="lr"):
+        load_config("bad")
 
 
 @pytest.mark.parametrize("args, key", [
