@@ -45,6 +45,7 @@ from pipeline.config import (
     RUNS_DIR,
     ConfigError,
     _suggest_from,
+    atomic_save_figure,
     atomic_write_json,
     atomic_write_text,
     load_config,
@@ -316,10 +317,7 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
         ax.set(xscale="log", xticks=sorted(df.n.unique()), xticklabels=sorted(df.n.unique()))
         ax.minorticks_off()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)
 
 
 RATIOS = [("train_pipeline", "train_bare"), ("train_pipeline", "train_reference"),

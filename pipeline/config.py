@@ -297,6 +297,17 @@ def atomic_write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def atomic_save_figure(fig, path: Path, dpi: int = 90) -> None:
+    """Save a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def atomic_write_csv(path: Path, df) -> None:
     """Write a DataFrame as CSV atomically (full float precision, no index)."""
     atomic_write_text(path, df.to_csv(index=False))

@@ -46,6 +46,7 @@ from pipeline.config import (
     FOLDS_DIR,
     RUNS_DIR,
     PipelineError,
+    atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
@@ -355,10 +356,7 @@ def plot(path: Path, comp: Competition, members: list[Member], blends: dict, cho
         axes[1].set_ylabel("true")
         axes[1].set_title(f"confusion matrix of the {chosen} OOF")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path, dpi=100)
 
 
 def write_outputs(out: Path, comp, train, test, folds, y, members, blends, chosen, meta,

@@ -45,6 +45,7 @@ from pipeline.config import (
     Config,
     ConfigError,
     PipelineError,
+    atomic_save_figure,
     atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
@@ -263,10 +264,7 @@ def plot_curve(history: list[dict], path: Path, metric: str) -> None:
     b.set_ylabel(f"valid {metric}")
     fig.suptitle(path.parent.name)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)
 
 
 def run_fold(f: Fold, fold_dir: Path, data: dict, metric: Metric) -> None:

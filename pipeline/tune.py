@@ -39,7 +39,6 @@ import dataclasses
 import fcntl
 import json
 import math
-import os
 import time
 import typing
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from pipeline.config import (
     PipelineError,
     _coerce,
     _suggest_from,
+    atomic_save_figure,
     atomic_write_csv,
     atomic_write_text,
     fold_list,
@@ -394,10 +394,7 @@ def plot_history(study: optuna.Study, path: Path, metric: str, greater: bool) ->
     if done or pruned:
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)
 
 
 def write_outputs(t: Tuning, study: optuna.Study, competition: str, greater: bool) -> None:
