@@ -4,7 +4,8 @@
 
 Builds a synthetic 10-class competition of ``scale * n`` JPEGs in ``data/bench/`` (its description
 in ``runs/bench/bench.yaml``), then measures images/second on this machine, each the best of
-``repeats`` timings after ``warmup`` untimed steps:
+``repeats`` timings after ``warmup`` untimed steps; the figures compared in a ratio are timed
+round-robin, one repeat of each in turn, so that a change in the machine's speed reaches them alike:
 
   train_bare          the training step (forward, loss, backward, optimizer) on batches in memory
   train_pipeline      one epoch of the template's loop: Fold + train_one_epoch, RAM cache, its loader
@@ -51,7 +52,7 @@ from pipeline.config import (
     load_config,
     run,
 )
-from pipeline.dataset import ImageDataset, cache_images, create_loader, create_transforms
+from pipeline.dataset import ImageDataset, cache_images, create_loader
 from pipeline.train import Fold, autocast, predict, resolve_device, seed_all, train_one_epoch
 
 # Every setting and its default; ``key=value`` on the command line overrides them.
@@ -156,9 +157,7 @@ def _best_seconds(fn, repeats: int, device: torch.device) -> float:
 
 def train_step(f: Fold, x: torch.Tensor, y: torch.Tensor) -> None:
     """The template's update without its loader: what ``train_one_epoch`` does per batch."""
-    x, y = x.to(f.device, non_blocking=True), y.to(f.device, non_blocking=True)
-    if f.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x, y = f.inputs(x, train=True), y.to(f.device, non_blocking=True)
     with autocast(f.device, f.amp):
         loss = f.loss_fn(f.forward(x), y)
     f.scaler.scale(loss).backward()
@@ -190,59 +189,72 @@ class FolderDataset(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB")), int(self.targets[i])
 
 
+def _interleaved(fns: dict, repeats: int, device: torch.device) -> dict:
+    """Best seconds of each function, timed round-robin: a drift in the machine's speed (another
+    process, thermal limits) reaches every figure alike instead of biasing the ratios."""
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], _best_seconds(fn, 1, device))
+    return best
+
+
 def measure(s: dict, cfg, comp, paths, y, cache) -> dict:
     """images/second of every figure for one config (device, AMP, channels_last, compile)."""
     device, n, bs, reps = resolve_device(cfg), s["n"], cfg.batch_size, s["repeats"]
-    out = {}
 
     def fold():
         f = Fold(cfg, comp, 0, n, device)
-        return f, *create_transforms(cfg, f.model)
+        return f, f.transforms.train, f.transforms.eval
 
     # train_bare: as many steps as an epoch, on two batches already on the device
-    f, train_tf, eval_tf = fold()
+    bare_f, train_tf, eval_tf = fold()
     loader = create_loader(ImageDataset(paths, y, train_tf, images=cache, seed=s["seed"]), cfg,
                            train=True, device=device, epoch_seed=s["seed"])
     steps, per_epoch = len(loader), len(loader) * min(bs, n)
     g = torch.Generator().manual_seed(s["seed"])
-    mem = [(torch.randn(min(bs, n), 3, cfg.img_size, cfg.img_size, generator=g).to(device),
+    mem = [(torch.randint(0, 256, (min(bs, n), 3, cfg.img_size, cfg.img_size), generator=g,
+                          dtype=torch.uint8).to(device),
             torch.randint(0, N_CLASSES, (min(bs, n),), generator=g).to(device)) for _ in range(2)]
-    f.model.train()
+    bare_f.model.train()
     for i in range(s["warmup"]):
-        train_step(f, *mem[i % 2])
-    out["train_bare"] = per_epoch / _best_seconds(
-        lambda: [train_step(f, *mem[i % 2]) for i in range(steps)], reps, device)
+        train_step(bare_f, *mem[i % 2])
 
-    # train_pipeline: whole epochs of the template's loop; the first one is warm-up
-    f, _, _ = fold()
+    def bare_epoch():
+        for i in range(steps):
+            train_step(bare_f, *mem[i % 2])
+
+    # train_pipeline: whole epochs of the template's loop
+    pipe_f, _, _ = fold()
     epoch = iter(range(10**9))
 
     def pipeline_epoch():
-        f.epoch = next(epoch)
-        seed_all(f.epoch)
-        train_one_epoch(f, loader, None)
-
-    pipeline_epoch()
-    out["train_pipeline"] = per_epoch / _best_seconds(pipeline_epoch, reps, device)
+        pipe_f.epoch = next(epoch)
+        seed_all(pipe_f.epoch)
+        train_one_epoch(pipe_f, loader, None)
 
     # train_reference: DataLoader over the JPEG files, timm's transform, no cache
-    f, _, _ = fold()
+    ref_f, _, _ = fold()
     ref_tf = create_transform(**resolve_data_config({"input_size": (3, cfg.img_size, cfg.img_size)},
-                                                    model=f.model), is_training=True)
+                                                    model=ref_f.model), is_training=True)
     w = s["workers"]
     ref = torch.utils.data.DataLoader(FolderDataset(paths, y, ref_tf), batch_size=bs, shuffle=True,
                                       drop_last=n > bs, num_workers=w, persistent_workers=w > 0,
                                       pin_memory=device.type == "cuda")
-    f.model.train()
+    ref_f.model.train()
 
     def reference_epoch():
         for x, t in ref:
-            train_step(f, x, t)
+            train_step(ref_f, x, t)
 
+    pipeline_epoch()  # warm-up epochs, untimed
     reference_epoch()
-    out["train_reference"] = per_epoch / _best_seconds(reference_epoch, reps, device)
+    train = _interleaved({"train_bare": bare_epoch, "train_pipeline": pipeline_epoch,
+                          "train_reference": reference_epoch}, reps, device)
+    out = {name: per_epoch / seconds for name, seconds in train.items()}
 
     # inference: forward on batches in memory, then the template's predict (with and without TTA)
+    f = ref_f
     ibs = min(cfg.infer_batch_size, n)
     xs = torch.randn(ibs, 3, cfg.img_size, cfg.img_size, generator=g).to(device)
     if f.channels_last:
@@ -251,18 +263,22 @@ def measure(s: dict, cfg, comp, paths, y, cache) -> dict:
     f.model.eval()
 
     @torch.inference_mode()
-    def bare():
+    def infer_bare():
         for _ in range(n_batches):
             with autocast(device, f.amp):
                 f.model(xs)
 
-    bare()
-    out["infer_bare"] = n_batches * ibs / _best_seconds(bare, reps, device)
     val = create_loader(ImageDataset(paths, y, eval_tf, images=cache), cfg, train=False,
                         device=device)
-    for key, views in (("infer_pipeline", []), ("infer_pipeline_tta", ["hflip"])):
-        predict(f.model, val, f, views)
-        out[key] = n / _best_seconds(lambda v=views: predict(f.model, val, f, v), reps, device)
+    fns = {"infer_bare": infer_bare,
+           "infer_pipeline": lambda: predict(f.model, val, f, []),
+           "infer_pipeline_tta": lambda: predict(f.model, val, f, ["hflip"])}
+    for fn in fns.values():
+        fn()  # warm-up
+    infer = _interleaved(fns, reps, device)
+    out["infer_bare"] = n_batches * ibs / infer["infer_bare"]
+    out["infer_pipeline"] = n / infer["infer_pipeline"]
+    out["infer_pipeline_tta"] = n / infer["infer_pipeline_tta"]
     return out
 
 
@@ -270,7 +286,7 @@ def measure_scaling(s: dict, cfg, comp, paths, y) -> list[dict]:
     """Seconds per image at n and scale*n images for each loader worker count (see module doc)."""
     device, rows = resolve_device(cfg), []
     f = Fold(cfg, comp, 0, s["n"], device)
-    train_tf, _ = create_transforms(cfg, f.model)
+    train_tf = f.transforms.train
     f.model.train()
     workers = [int(w) for w in str(s["scale_workers"]).split(",") if w != ""]
     for n in sorted({s["n"], s["n"] * s["scale"]}):

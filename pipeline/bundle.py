@@ -166,7 +166,7 @@ def predict_member(bundle: Path, member: str, n_folds: int, comp: Competition, p
     """The member's test predictions: its fold models' TTA predictions, averaged over folds."""
     import torch
 
-    from pipeline.dataset import ImageDataset, create_loader, create_transforms
+    from pipeline.dataset import BatchInputs, ImageDataset, create_loader, create_transforms
     from pipeline.model import create_model
     from pipeline.train import amp_dtype, predict
 
@@ -178,9 +178,11 @@ def predict_member(bundle: Path, member: str, n_folds: int, comp: Competition, p
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ctx = types.SimpleNamespace(device=device, channels_last=channels_last, comp=comp,
-                                amp=amp_dtype(cfg, device), dist=distributed.SINGLE)
-    dataset = ImageDataset(paths, None, create_transforms(cfg, model)[1], max_side=cfg.img_size * 2)
+    tf = create_transforms(cfg, model)
+    ctx = types.SimpleNamespace(device=device, comp=comp, amp=amp_dtype(cfg, device),
+                                dist=distributed.SINGLE,
+                                inputs=BatchInputs(tf.mean, tf.std, device, channels_last))
+    dataset = ImageDataset(paths, None, tf.eval, max_side=cfg.img_size * 2)
     loader = create_loader(dataset, cfg, train=False, device=device)
     total = 0.0
     for k in range(n_folds):

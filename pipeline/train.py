@@ -54,7 +54,13 @@ from pipeline.config import (
     fold_list,
     run,
 )
-from pipeline.dataset import ImageDataset, cache_images, create_loader, create_transforms
+from pipeline.dataset import (
+    BatchInputs,
+    ImageDataset,
+    cache_images,
+    create_loader,
+    create_transforms,
+)
 from pipeline.folds import read_folds
 from pipeline.metrics import Metric, get_metric
 from pipeline.model import activate, create_loss, create_model
@@ -111,6 +117,9 @@ class Fold:
             cfg.channels_last == "auto" and device.type == "cuda")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.transforms = create_transforms(cfg, self.model)
+        self.inputs = BatchInputs(self.transforms.mean, self.transforms.std, device,
+                                  self.channels_last, cfg.reprob)
         self.ddp = None
         if dist.enabled:  # gradients averaged over ranks; the weights stay in self.model
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -180,9 +189,7 @@ def train_one_epoch(f: Fold, loader, target_scale) -> float:
                dynamic_ncols=True, mininterval=1.0, disable=not f.dist.is_main)
     for step, (x, y) in enumerate(bar):
         sync = (step + 1) % cfg.accum_steps == 0 or step + 1 == n_steps
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if f.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = f.inputs(x, train=True), y.to(device, non_blocking=True)
         if f.mixup is not None:
             x, y = f.mixup(x, y)
         elif target_scale is not None:
@@ -229,9 +236,7 @@ def predict(model, loader, f: Fold, views: list[str], target_scale=None):
     model.eval()
     outs, logits_all = [], []
     for x, _ in loader:
-        x = x.to(f.device, non_blocking=True)
-        if f.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = f.inputs(x)
         preds = []
         with autocast(f.device, f.amp):
             for view in ["none", *views]:
@@ -426,7 +431,7 @@ def train_one_fold(cfg, comp, k, folds, y, paths, cache, max_side, fold_dir, dev
         target_scale = (torch.tensor(y[tr].mean(0), dtype=torch.float32, device=device),
                         torch.tensor(y[tr].std(0) + 1e-8, dtype=torch.float32, device=device))
     f = Fold(cfg, comp, k, len(tr), device, d)
-    train_tf, eval_tf = create_transforms(cfg, f.model)
+    train_tf, eval_tf = f.transforms.train, f.transforms.eval
 
     def subset(split, idx, tf, targets):
         imgs = cache.get(split)

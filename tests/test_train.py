@@ -235,7 +235,7 @@ def test_data_parallel_two_processes_on_gloo(workdir):
 
     from pipeline.competition import load_competition
     from pipeline.config import load_config
-    from pipeline.dataset import ImageDataset, create_loader, create_transforms
+    from pipeline.dataset import ImageDataset, create_loader
 
     _setup(workdir)
     args = ["competition=toy", *TINY, "epochs=2", "accum_steps=2", "batch_size=4"]
@@ -260,7 +260,7 @@ def test_data_parallel_two_processes_on_gloo(workdir):
         f = T.Fold(cfg, comp, k, 10, torch.device("cpu"))
         f.eval_model.load_state_dict(torch.load(run / f"fold{k}" / "best.pt"))
         va = np.flatnonzero(folds == k)
-        ds = ImageDataset([paths["train"][i] for i in va], None, create_transforms(cfg, f.model)[1],
+        ds = ImageDataset([paths["train"][i] for i in va], None, f.transforms.eval,
                           images=[cache["train"][i] for i in va], max_side=max_side)
         pred, _ = T.predict(f.eval_model, create_loader(ds, cfg, train=False, device=f.device), f, [])
         assert np.allclose(pred, oof.iloc[va, 1:].to_numpy(), atol=1e-5)
