@@ -93,8 +93,8 @@ class Config:
     amp: str = "auto"  # auto (bf16 on CUDA when supported, else fp16; off on CPU), bf16, fp16, off
     channels_last: str = "auto"  # auto (on CUDA), on, off
     compile: bool = False  # torch.compile the model
-    num_workers: int = 0  # DataLoader workers; 0 loads in the training process
-    cache_images: bool = True  # keep decoded, pre-resized images in RAM
+    num_workers: str = "auto"  # DataLoader workers: auto (CUDA: one per spare core, up to 8; CPU: 0) or N
+    cache_images: str = "auto"  # decoded, pre-resized images in RAM: auto (if they fit), on, off
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
     def to_dict(self) -> dict:
@@ -243,6 +243,9 @@ def validate(cfg: Config) -> None:
         (0 < cfg.crop_pct <= 1, "crop_pct must be in (0, 1]"),
         (cfg.amp in ("auto", "bf16", "fp16", "off"), "amp must be one of auto, bf16, fp16, off"),
         (cfg.channels_last in ("auto", "on", "off"), "channels_last must be one of auto, on, off"),
+        (cfg.cache_images in ("auto", "on", "off"), "cache_images must be one of auto, on, off"),
+        (cfg.num_workers == "auto" or cfg.num_workers.isdigit(),
+         "num_workers must be auto or a whole number >= 0"),
         (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
          "device must be auto, cpu or cuda"),
         (cfg.loss in ("auto", "ce", "bce", "mse", "huber"), "loss must be auto, ce, bce, mse or huber"),

@@ -9,6 +9,7 @@ an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,65 @@ def load_image(path: Path, max_side: int = 0) -> Image.Image:
         s = max_side / min(w, h)
         im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
     return im
+
+
+CACHE_FRACTION = 0.5  # cache_images=auto caches when the images take at most this much free RAM
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM this process may still use: MemAvailable, capped by a cgroup (container) limit."""
+    avail = None
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as fh:
+            avail = int(next(line for line in fh if line.startswith("MemAvailable")).split()[1]) * 1024
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        with contextlib.suppress(OSError, ValueError):
+            room = int(Path(limit_file).read_text()) - int(Path(usage_file).read_text())
+            avail = room if avail is None else min(avail, room)
+    return avail
+
+
+def estimate_cache_bytes(paths: list[Path], max_side: int, sample: int = 256) -> int:
+    """RAM the decoded, resized RGB images of ``paths`` would take, from the headers of a sample."""
+    if not paths:
+        return 0
+    picked = paths[:: max(1, len(paths) // sample)]
+    total = 0
+    for p in picked:
+        try:
+            with Image.open(p) as im:  # reads the header only
+                w, h = im.size
+        except Exception as e:
+            raise ImageError(f"cannot decode image {p}: {e}") from None
+        if max_side and min(w, h) > max_side:
+            s = max_side / min(w, h)
+            w, h = max(1, round(w * s)), max(1, round(h * s))
+        total += w * h * 3
+    return int(total / len(picked) * len(paths) * 1.05)  # + PIL object overhead
+
+
+def should_cache(setting: str, paths: list[Path], max_side: int, copies: int = 1) -> tuple[bool, str]:
+    """Whether to cache (``cache_images`` auto/on/off) and a line saying why, for the log."""
+    if setting != "auto":
+        return setting == "on", f"image cache: {setting} (cache_images={setting})"
+    need, avail = estimate_cache_bytes(paths, max_side) * copies, available_memory()
+    gib = 2**30
+    if avail is None or need <= CACHE_FRACTION * avail:
+        room = "" if avail is None else f" of {avail / gib:.1f} GiB free"
+        return True, f"image cache: ~{need / gib:.2f} GiB{room}: caching decoded images in RAM"
+    return False, (f"image cache: ~{need / gib:.1f} GiB would not fit in half of the "
+                   f"{avail / gib:.1f} GiB free: decoding from disk every epoch (cache_images=on "
+                   f"forces it; more num_workers make up for it on a GPU)")
+
+
+def resolve_workers(setting, device: torch.device) -> int:
+    """``num_workers``: a number, or auto: every spare core up to 8 on CUDA, 0 on CPU (where loader
+    processes take cores from the model's own threads: measured by ``make bench``)."""
+    if str(setting) != "auto":
+        return int(setting)
+    return min(8, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
 
 
 def cache_images(paths: list[Path], max_side: int, workers: int = 4) -> list[Image.Image]:
@@ -196,7 +256,7 @@ def create_loader(dataset, cfg: Config, *, train: bool, device: torch.device, ep
                   rank: int = 0, world: int = 1):
     """A DataLoader: seeded epoch batches (this rank's share) for training, ordered batches for
     prediction."""
-    workers = cfg.num_workers
+    workers = resolve_workers(cfg.num_workers, device)
     kwargs = dict(num_workers=workers, pin_memory=device.type == "cuda",
                   persistent_workers=workers > 0)
     if train:

@@ -60,6 +60,7 @@ from pipeline.dataset import (
     cache_images,
     create_loader,
     create_transforms,
+    should_cache,
 )
 from pipeline.folds import read_folds
 from pipeline.metrics import Metric, get_metric
@@ -344,7 +345,7 @@ def check_run_dir(run_dir: Path, resolved: dict) -> None:
                           f"delete {run_dir} or pick another name=...")
 
 
-def prepare(cfg: Config, comp: Competition, verbose: bool = True):
+def prepare(cfg: Config, comp: Competition, verbose: bool = True, copies: int = 1):
     """Tables, folds, image paths (all checked to exist) and decoded caches shared by all folds."""
     train = comp.train_table()
     folds, folds_sha = read_folds(comp, train)
@@ -352,7 +353,10 @@ def prepare(cfg: Config, comp: Competition, verbose: bool = True):
     paths = {"train": comp.image_paths(train, "train"), "test": comp.image_paths(test, "test")}
     max_side = int(cfg.img_size * 2)
     cache = {}
-    if cfg.cache_images:
+    use_cache, why = should_cache(cfg.cache_images, paths["train"] + paths["test"], max_side, copies)
+    if verbose:
+        print(why)
+    if use_cache:
         t0 = time.time()
         cache = {s: cache_images(p, max_side) for s, p in paths.items()}
         if verbose:
@@ -380,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
 def _train_run(cfg: Config, comp: Competition, metric: Metric, device, d: distributed.Dist) -> int:
     main = d.is_main
     run_dir = RUNS_DIR / cfg.name
-    train, test, folds, folds_sha, paths, cache, max_side = prepare(cfg, comp, verbose=main)
+    # every process of a data-parallel run holds its own cache
+    train, test, folds, folds_sha, paths, cache, max_side = prepare(cfg, comp, verbose=main,
+                                                                    copies=d.world)
     n_folds = int(folds.max()) + 1
     todo = fold_list(cfg, n_folds)
     resolved = {**cfg.to_dict(), "folds_sha256": folds_sha, "n_folds": n_folds, "world_size": d.world}

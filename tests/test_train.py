@@ -267,3 +267,45 @@ def test_data_parallel_two_processes_on_gloo(workdir):
     # a different number of processes would train differently: refused, not mixed
     with pytest.raises(ConfigError, match="world_size: 2 -> 1"):
         T.main([*args, "name=ddp"])
+
+
+def test_image_cache_only_when_it_fits(workdir, monkeypatch, capsys):
+    from pipeline import dataset as D
+
+    _setup(workdir)
+    paths = sorted((workdir / "data" / "toy" / "train_images").glob("*.png"))
+    need = D.estimate_cache_bytes(paths, 0)
+    assert 40 * 16 * 16 * 3 <= need <= 40 * 16 * 16 * 3 * 1.1  # 40 RGB images of 16x16
+    assert D.estimate_cache_bytes(paths, 8) < need / 3  # resized to a shorter side of 8
+    monkeypatch.setattr(D, "available_memory", lambda: 10 * need)
+    assert D.should_cache("auto", paths, 0)[0] is True
+    assert D.should_cache("auto", paths, 0, copies=8)[0] is False  # 8 processes, 8 caches
+    monkeypatch.setattr(D, "available_memory", lambda: need)
+    use, why = D.should_cache("auto", paths, 0)
+    assert use is False and "decoding from disk" in why
+    assert D.should_cache("on", paths, 0)[0] is True and D.should_cache("off", paths, 0)[0] is False
+    # training without the cache gives the same predictions as with it
+    _train("name=disk", "epochs=1")
+    assert "decoding from disk" in capsys.readouterr().out
+    monkeypatch.setattr(D, "available_memory", lambda: 10**12)
+    _train("name=ram", "epochs=1")
+    assert "caching decoded images" in capsys.readouterr().out
+    run = workdir / "runs"
+    assert (run / "disk" / "oof.csv").read_bytes() == (run / "ram" / "oof.csv").read_bytes()
+    free = D.available_memory()
+    assert free is None or free > 0
+
+
+def test_workers_auto_and_booleans_for_cache(workdir):
+    from pipeline.config import load_config
+    from pipeline.dataset import resolve_workers
+
+    assert resolve_workers("auto", torch.device("cpu")) == 0
+    assert 0 <= resolve_workers("auto", torch.device("cuda")) <= 8
+    assert resolve_workers("3", torch.device("cpu")) == 3
+    cfg = load_config(None, ["cache_images=false", "num_workers=2"])
+    assert cfg.cache_images == "off" and cfg.num_workers == "2"
+    with pytest.raises(ConfigError, match="num_workers"):
+        load_config(None, ["num_workers=many"])
+    with pytest.raises(ConfigError, match="cache_images"):
+        load_config(None, ["cache_images=maybe"])
