@@ -14,7 +14,9 @@ one. ``runs/bundle/<source>/`` holds everything that notebook needs, to upload a
     check.json          the local check's figures
 
 ``predict.py`` reads the test table and images wherever ``--data`` points (default: the first of
-``/kaggle/input/<competition>`` and ``data/<competition>`` that exists), predicts with every fold of
+``/kaggle/input/<competition>``, ``/kaggle/input/competitions/<competition>`` and
+``data/<competition>`` that exists), warns when torch, timm, pandas or numpy differ in major.minor
+from the versions the bundle was checked with, predicts with every fold of
 every member with the member's TTA, blends as ``make ensemble`` chose (mean, rank mean, fitted
 weights or Caruana; stacking is refused: its level-2 models are not saved), and writes a submission
 validated like ``make submit``'s.
@@ -147,10 +149,26 @@ def build(source: str, competition: str, out: Path) -> dict:
     manifest = {"competition": comp.name, "source": source, "method": method,
                 "members": {m: {"weight": w, "folds": copy_member(comp, m, out / "models" / m)}
                             for m, w in weights.items()},
-                "metric": scores["metric"], "cv": scores["cv"],
+                "metric": scores["metric"], "cv": scores["cv"], "versions": library_versions(),
                 "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(out / "bundle.json", manifest)
     return manifest
+
+
+def library_versions() -> dict:
+    import timm
+    import torch
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__.split("+")[0],
+            "timm": timm.__version__, "pandas": pd.__version__, "numpy": np.__version__}
+
+
+def version_warnings(built: dict) -> list[str]:
+    """One line per library whose major.minor here differs from the one the bundle was built with."""
+    here = library_versions()
+    return [f"predict.py: {lib} {here[lib]} here, the bundle was checked with {v}: if predictions "
+            f"look wrong, pin {lib}=={v} in the notebook"
+            for lib, v in built.items() if lib in here and here[lib].split(".")[:2] != v.split(".")[:2]]
 
 
 # -- predicting (this runs inside the bundle, on Kaggle) -------------------------------------------
@@ -205,7 +223,8 @@ def blend(method: str, preds: list[np.ndarray], weights: list[float]) -> np.ndar
 
 
 def default_data_dir(name: str) -> Path:
-    for candidate in (Path("/kaggle/input") / name, Path("data") / name):
+    for candidate in (Path("/kaggle/input") / name, Path("/kaggle/input/competitions") / name,
+                      Path("data") / name):
         if candidate.is_dir():
             return candidate
     raise BundleError(f"no data folder for '{name}' in /kaggle/input/ or data/: pass --data DIR")
@@ -227,6 +246,8 @@ def predict_main(argv: list[str] | None, bundle: Path) -> int:
     args = parser.parse_args(argv)
     t0 = time.time()
     manifest = json.loads((bundle / "bundle.json").read_text())
+    for line in version_warnings(manifest.get("versions", {})):
+        print(line, file=sys.stderr)
     comp = load_competition(str(bundle / "competition.yaml"), check_files=False)
     comp.data_root = str(args.data or default_data_dir(comp.name))
     test = comp.test_table()

@@ -113,3 +113,10 @@ def test_submission_mismatch_allows_only_near_ties(workdir):
     assert "other labels (id t1)" in B.submission_mismatch(comp, real_flip, expected, ref, 1e-4)
     assert B.submission_mismatch(comp, expected.iloc[::-1], expected, ref, 1e-4) == \
         "other columns or ids"
+
+
+def test_version_drift_is_reported():
+    here = B.library_versions()
+    assert B.version_warnings(here) == []
+    drift = B.version_warnings({**here, "timm": "0.4.12"})
+    assert len(drift) == 1 and "timm" in drift[0] and "0.4.12" in drift[0]
