@@ -95,11 +95,15 @@ def should_cache(setting: str, paths: list[Path], max_side: int, copies: int = 1
 
 
 def resolve_workers(setting, device: torch.device) -> int:
-    """``num_workers``: a number, or auto: every spare core up to 8 on CUDA, 0 on CPU (where loader
-    processes take cores from the model's own threads: measured by ``make bench``)."""
+    """``num_workers``: a number, or auto: 0 on CPU (where loader processes take cores from the
+    model's own threads: measured by ``make bench``); on CUDA the spare cores shared among this
+    machine's training processes (torchrun's ``LOCAL_WORLD_SIZE``), at most 8 each."""
     if str(setting) != "auto":
         return int(setting)
-    return min(8, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+    if device.type != "cuda":
+        return 0
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(8, max(0, ((os.cpu_count() or 1) - local) // local))
 
 
 def cache_images(paths: list[Path], max_side: int, workers: int = 4) -> list[Image.Image]:

@@ -296,12 +296,16 @@ def test_image_cache_only_when_it_fits(workdir, monkeypatch, capsys):
     assert free is None or free > 0
 
 
-def test_workers_auto_and_booleans_for_cache(workdir):
+def test_workers_auto_and_booleans_for_cache(workdir, monkeypatch):
     from pipeline.config import load_config
     from pipeline.dataset import resolve_workers
 
     assert resolve_workers("auto", torch.device("cpu")) == 0
     assert 0 <= resolve_workers("auto", torch.device("cuda")) <= 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert resolve_workers("auto", torch.device("cuda")) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes share 16 cores
+    assert resolve_workers("auto", torch.device("cuda")) == 3
     assert resolve_workers("3", torch.device("cpu")) == 3
     cfg = load_config(None, ["cache_images=false", "num_workers=2"])
     assert cfg.cache_images == "off" and cfg.num_workers == "2"
