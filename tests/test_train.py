@@ -313,3 +313,24 @@ def test_workers_auto_and_booleans_for_cache(workdir, monkeypatch):
         load_config(None, ["num_workers=many"])
     with pytest.raises(ConfigError, match="cache_images"):
         load_config(None, ["cache_images=maybe"])
+
+
+def test_compiled_model_saves_plain_weights(workdir, monkeypatch):
+    """compile=true wraps the model for the forward pass only: checkpoints keep the plain keys
+    (so a bundle or a resume loads them into an uncompiled model). The eager backend keeps this
+    test free of a C++ toolchain; inductor itself is measured by `make bench` on CUDA."""
+    import functools
+
+    _setup(workdir)
+    calls = []
+    real = torch.compile
+
+    def eager_compile(model, **kw):
+        calls.append(type(model).__name__)
+        return functools.partial(real, backend="eager")(model, **kw)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    assert _train("compile=true", "epochs=1") == 0
+    assert calls and all(c == "ResNet" for c in calls)
+    state = torch.load(workdir / "runs" / "run" / "fold0" / "best.pt")
+    assert not any(k.startswith("_orig_mod") for k in state)
