@@ -204,12 +204,11 @@ def measure(s: dict, cfg, comp, paths, y, cache) -> dict:
     device, n, bs, reps = resolve_device(cfg), s["n"], cfg.batch_size, s["repeats"]
 
     def fold():
-        f = Fold(cfg, comp, 0, n, device)
-        return f, f.transforms.train, f.transforms.eval
+        return Fold(cfg, comp, 0, n, device)
 
     # train_bare: as many steps as an epoch, on two batches already on the device
-    bare_f, train_tf, eval_tf = fold()
-    loader = create_loader(ImageDataset(paths, y, train_tf, images=cache, seed=s["seed"]), cfg,
+    bare_f = fold()
+    loader = create_loader(ImageDataset(paths, y, bare_f.transforms.train, images=cache, seed=s["seed"]), cfg,
                            train=True, device=device, epoch_seed=s["seed"])
     steps, per_epoch = len(loader), len(loader) * min(bs, n)
     g = torch.Generator().manual_seed(s["seed"])
@@ -225,7 +224,7 @@ def measure(s: dict, cfg, comp, paths, y, cache) -> dict:
             train_step(bare_f, *mem[i % 2])
 
     # train_pipeline: whole epochs of the template's loop
-    pipe_f, _, _ = fold()
+    pipe_f = fold()
     epoch = iter(range(10**9))
 
     def pipeline_epoch():
@@ -234,7 +233,7 @@ def measure(s: dict, cfg, comp, paths, y, cache) -> dict:
         train_one_epoch(pipe_f, loader, None)
 
     # train_reference: DataLoader over the JPEG files, timm's transform, no cache
-    ref_f, _, _ = fold()
+    ref_f = fold()
     ref_tf = create_transform(**resolve_data_config({"input_size": (3, cfg.img_size, cfg.img_size)},
                                                     model=ref_f.model), is_training=True)
     w = s["workers"]
@@ -268,7 +267,7 @@ def measure(s: dict, cfg, comp, paths, y, cache) -> dict:
             with autocast(device, f.amp):
                 f.model(xs)
 
-    val = create_loader(ImageDataset(paths, y, eval_tf, images=cache), cfg, train=False,
+    val = create_loader(ImageDataset(paths, y, f.transforms.eval, images=cache), cfg, train=False,
                         device=device)
     fns = {"infer_bare": infer_bare,
            "infer_pipeline": lambda: predict(f.model, val, f, []),

@@ -40,14 +40,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline import distributed
 from pipeline.competition import DEFAULTS, Competition, load_competition
 from pipeline.config import (
     FIELDS,
@@ -181,35 +179,31 @@ def member_config(path: Path):
 
 def predict_member(bundle: Path, member: str, n_folds: int, comp: Competition, paths: list[Path],
                    device, workers: int | None) -> np.ndarray:
-    """The member's test predictions: its fold models' TTA predictions, averaged over folds."""
+    """The member's test predictions: its fold models' TTA predictions, averaged over folds.
+
+    The model, its transforms and batch inputs are built by the training code's own :class:`Fold`,
+    so the bundle predicts exactly as ``make train`` did.
+    """
     import torch
 
-    from pipeline.dataset import BatchInputs, ImageDataset, create_loader, create_transforms
-    from pipeline.model import create_model
-    from pipeline.train import amp_dtype, predict
+    from pipeline.dataset import ImageDataset, create_loader
+    from pipeline.train import Fold, predict
 
     cfg = member_config(bundle / "models" / member / "config.yaml")
     if workers is not None:
-        cfg.num_workers = workers
+        cfg.num_workers = str(workers)
     scales = json.loads((bundle / "models" / member / "scale.json").read_text())
-    model = create_model(cfg, comp.num_outputs).to(device)
-    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    tf = create_transforms(cfg, model)
-    ctx = types.SimpleNamespace(device=device, comp=comp, amp=amp_dtype(cfg, device),
-                                dist=distributed.SINGLE,
-                                inputs=BatchInputs(tf.mean, tf.std, device, channels_last))
-    dataset = ImageDataset(paths, None, tf.eval, max_side=cfg.img_size * 2)
+    f = Fold(cfg, comp, 0, 1, device)
+    dataset = ImageDataset(paths, None, f.transforms.eval, max_side=cfg.img_size * 2)
     loader = create_loader(dataset, cfg, train=False, device=device)
     total = 0.0
     for k in range(n_folds):
-        model.load_state_dict(torch.load(bundle / "models" / member / f"fold{k}.pt",
-                                         map_location=device, weights_only=True))
+        f.model.load_state_dict(torch.load(bundle / "models" / member / f"fold{k}.pt",
+                                           map_location=device, weights_only=True))
         scale = None
         if scales:
             scale = tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in scales[k])
-        pred, _ = predict(model, loader, ctx, cfg.tta, scale)
+        pred, _ = predict(f.model, loader, f, cfg.tta, scale)
         total = total + pred
     return total / n_folds
 

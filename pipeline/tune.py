@@ -40,7 +40,6 @@ import fcntl
 import json
 import math
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from optuna.trial import TrialState
 from pipeline import train
 from pipeline.competition import load_competition
 from pipeline.config import (
+    _HINTS,
     CONFIG_DIR,
     FIELDS,
     RUNS_DIR,
@@ -81,7 +81,6 @@ TUNE_DIR = RUNS_DIR / "tune"
 NOT_TUNABLE = RUNTIME_KEYS | {"name", "competition", "folds", "n_folds", "fold_seed"}
 RANGE_KEYS = {"low", "high", "log", "step"}
 TOP = 5  # trials shown in the final table
-_HINTS = typing.get_type_hints(Config)
 
 
 # -- the search space ------------------------------------------------------------------------------
